@@ -43,6 +43,9 @@ class Settings:
     database_url: str | None = None
     #: Connections each node keeps to PostgreSQL at most (plus one for notifications).
     database_pool_size: int = 10
+    #: SQLite: run small groups of job writes on the event loop (False: always in the writer
+    #: thread, for a data directory on a slow or network disk). See broker.store.sqlite.
+    sqlite_inline_writes: bool = True
     #: Redis URL of the backplane between several nodes (``redis://...``); one node when unset.
     redis_url: str | None = None
     #: Prefix of every Redis key and channel; nodes of one cluster share it.
@@ -169,6 +172,7 @@ class Settings:
             "MAX_SUBSCRIPTIONS": ("max_subscriptions", int),
             "LOG_LEVEL": ("log_level", str),
             "ACCESS_LOG": ("access_log", _bool),
+            "SQLITE_INLINE_WRITES": ("sqlite_inline_writes", _bool),
             "HISTORY_RULES": ("history_rules", _split),
             "HISTORY_MAX_TOPICS": ("history_max_topics", int),
             "HISTORY_PENDING_MAX": ("history_pending_max", int),

@@ -121,7 +121,9 @@ class Broker:
         from .store.sqlite import SQLiteStore
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return SQLiteStore(settings.data_dir / "quicksilver.db")
+        return SQLiteStore(
+            settings.data_dir / "quicksilver.db", inline=settings.sqlite_inline_writes
+        )
 
     def _default_backplane(self, settings: Settings) -> Backplane:
         if not settings.redis_url:

@@ -163,10 +163,45 @@ class Dispatcher:
         conn.send({"type": "ok", "id": frame.id, "job": rec.id, "duplicate": duplicate})
 
     async def enqueue(self, job: NewJob) -> tuple[JobRecord, bool]:
-        rec, duplicate = await self.store.enqueue(job)
+        slot = self._waiting_slot(job.queue) if job.delay <= 0 else None
+        if slot is None:
+            rec, duplicate = await self.store.enqueue(job)
+            if not duplicate:
+                self.accepted(rec)
+            return rec, duplicate
+        # A worker with free credit waits for this queue: enqueue and claim for it in one store
+        # round, instead of a commit, a dispatcher wake-up and a second commit.
+        want = slot.free
+        slot.claiming = True
+        try:
+            rec, duplicate, jobs = await self.store.enqueue_and_claim(
+                job, slot.conn.session, slot.queues, want, self.settings.job_lease
+            )
+        finally:
+            slot.claiming = False
         if not duplicate:
-            self.accepted(rec)
+            self.metrics.jobs_enqueued += 1
+            self._publish_state(rec)
+        delivered = self._deliver(slot, jobs)
+        if (delivered and len(jobs) == want) or (not duplicate and rec.id not in slot.held):
+            # More may be ready than the slot could take, or the new job went elsewhere.
+            self.wake()
         return rec, duplicate
+
+    def _waiting_slot(self, queue: str) -> WorkerSlot | None:
+        """The next worker in rotation with free credit for ``queue`` and no claim under way."""
+        rotation = self._rotation
+        for i, slot in enumerate(rotation):
+            if (
+                slot.free > 0
+                and not slot.claiming
+                and not slot.gone
+                and not slot.conn.closing
+                and queue in slot.queues
+            ):
+                rotation.rotate(-(i + 1))  # the next job starts looking after this worker
+                return slot
+        return None
 
     async def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
         results = await self.store.enqueue_many(jobs)
@@ -416,6 +451,11 @@ class Dispatcher:
             )
         finally:
             slot.claiming = False
+        return self._deliver(slot, jobs) and len(jobs) == want and want > 0
+
+    def _deliver(self, slot: WorkerSlot, jobs: list[JobRecord]) -> bool:
+        """Push jobs just claimed for ``slot``; False when the slot left meanwhile: it gets
+        nothing and its jobs go back."""
         if slot.gone or slot.conn.closing:
             if jobs:
                 self.broker.spawn(self._release_worker(slot.conn.session))
@@ -437,7 +477,7 @@ class Dispatcher:
             self.metrics.jobs_dispatched += 1
             self.metrics.pickup_latency.observe(max(0.0, now - rec.run_at))
             self._publish_state(rec, worker=slot.name)
-        return len(jobs) == want and want > 0
+        return True
 
     def _wake_at(self, when: float) -> None:
         """Wake the dispatcher at unix time ``when`` (keeps only the earliest pending timer)."""

@@ -380,6 +380,16 @@ class Store(abc.ABC):
         oldest ``run_at``, then id. Each taken job becomes active with ``attempt + 1``,
         ``lease_until = now + lease`` and ``started_at = now``. Returned in that order."""
 
+    async def enqueue_and_claim(
+        self, job: NewJob, worker: str, queues: Sequence[str], limit: int, lease: float
+    ) -> tuple[JobRecord, bool, list[JobRecord]]:
+        """:meth:`enqueue` then :meth:`claim` for ``worker``: the dispatcher's path when a worker
+        with free credit is waiting, so a new job reaches it without a second store round. The
+        claim follows the usual order, so it may take an older job of higher priority instead.
+        A store that can does both in one transaction; this default makes two calls."""
+        rec, duplicate = await self.enqueue(job)
+        return rec, duplicate, await self.claim(worker, queues, limit, lease)
+
     @abc.abstractmethod
     async def complete(
         self, job_id: str, attempt: int, result: Any, worker: str | None = None

@@ -2,25 +2,39 @@
 
 Threads and connections
 -----------------------
-Writes go through one plain :class:`sqlite3.Connection` that lives in a dedicated
-single-thread executor; reads go through a second, read-only connection driven by aiosqlite.
+Writes go through one plain :class:`sqlite3.Connection`; reads go through a second, read-only
+connection driven by aiosqlite.
 
-Why not write through aiosqlite as well: aiosqlite hops to its thread once per call, and each hop
-costs about 100 µs, so a group of N statements would cost N hops. Its public API has no way to
-run a function of ours over its ``sqlite3`` connection in its thread (only the private
-``_execute``/``_conn``). A ``ThreadPoolExecutor(max_workers=1)`` owning a plain connection gives
-that with public APIs only: the whole group runs as one plain function, in one hop, and the
-connection never leaves its thread. Reads gain nothing from grouping, and WAL lets them run
-beside the writer, so they stay on aiosqlite.
+Where a write group runs: a small group of light operations (the job path: enqueue, claim,
+complete, fail, progress, renew, cancel) runs on the event loop itself; any other group runs in
+a dedicated single-thread executor. In WAL mode with ``synchronous=NORMAL`` such a commit takes
+tens of microseconds and no fsync, while the hop to a thread and back costs far more on a busy
+2-core machine: waking the thread, handing over the GIL, waking the loop again. Measured with
+``python -m bench jobs``: job pickup p50 5.5 ms through the thread, 1.3 ms inline. Inline groups
+never wait for a lock: the group begins with ``busy_timeout`` 0, and when another process holds
+the write lock it goes to the thread, which waits up to ``busy_timeout`` as usual. Checkpoints
+(the one step that writes the database file and fsyncs it) are taken off the loop too: automatic
+checkpoints are off on the writer, and every 100 transactions (or 1,000 rows changed) the
+writer task runs one in the thread between two groups, as SQLite's own automatic checkpoint
+would after a commit; nothing is written meanwhile, so the checkpoint reaches the end of the WAL
+and the next transaction starts it over (a checkpoint beside a busy writer never catches up, and
+the WAL grows without bound).
+``inline=False`` keeps SQLite's automatic checkpoints and runs every group in the thread.
+
+Why not write through aiosqlite: it hops to its thread once per call, so a group of N
+statements would cost N hops, and its public API has no way to run a function of ours over its
+connection in its thread. Reads gain nothing from grouping, and WAL lets them run beside the
+writer, so they stay on aiosqlite.
 
 Group commit
 ------------
 Every write is an operation (a function over :class:`_WriteSide`) put on a bounded queue with a
 future. One writer task takes every queued operation (up to ``batch_max``), runs them in one
-``BEGIN IMMEDIATE`` transaction in the writer thread, commits once, then resolves each future
-with its own result. Each operation runs inside its own ``SAVEPOINT``: one that raises is rolled
-back alone and fails only its own caller. While a group runs, new operations queue up and form
-the next group, so batching needs no timer and adds no latency when the store is idle.
+``BEGIN IMMEDIATE`` transaction (on the loop or in the writer thread, see above), commits once,
+then resolves each future with its own result. Each operation runs inside its own
+``SAVEPOINT``: one that raises is rolled back alone and fails only its own caller. While a group
+runs, new operations queue up and form the next group, so batching needs no timer and adds no
+latency when the store is idle.
 
 ``BEGIN IMMEDIATE`` takes the write lock at the start: a deferred ``BEGIN`` that later upgrades
 to a write fails with ``SQLITE_BUSY_SNAPSHOT``, which ``busy_timeout`` does not retry.
@@ -52,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 import sqlite3
@@ -84,6 +99,8 @@ from protocol.errors import Conflict, Unavailable, UsageError
 from protocol.frames import JobId
 
 __all__ = ["SQLiteStore"]
+
+log = logging.getLogger("quicksilver.store")
 
 T = TypeVar("T")
 
@@ -121,6 +138,12 @@ _DUE_IN_QUEUE_SQL = (
 )
 
 _BUSY_TIMEOUT = 5.0
+#: Groups of more operations than this run in the writer thread even when all are light.
+_INLINE_MAX = 64
+#: Inline mode: a checkpoint between groups after this many transactions or rows changed
+#: (about what SQLite's automatic checkpoint at 1,000 WAL pages does for one-job transactions).
+_CHECKPOINT_TRANSACTIONS = 100
+_CHECKPOINT_CHANGES = 1000
 #: Decoded payloads kept by the writer for jobs not finished yet (see ``_WriteSide._record``).
 _PAYLOAD_CACHE = 512
 
@@ -299,9 +322,10 @@ class _WriteSide:
     """The writer connection and every write, as plain functions. Used only in the writer
     thread."""
 
-    def __init__(self, conn: sqlite3.Connection, clock: Callable[[], float]) -> None:
+    def __init__(self, conn: sqlite3.Connection, clock: Callable[[], float], busy_ms: int) -> None:
         self.conn = conn
         self.clock = clock
+        self.busy_ms = busy_ms
         self.transactions = 0
         self._last_micros = 0
         self._rng = random.Random()
@@ -325,13 +349,33 @@ class _WriteSide:
 
     # --- transactions ----------------------------------------------------------------------
 
-    def run_group(self, ops: Sequence[_Op]) -> list[_Outcome]:
-        """Run ``ops`` in one transaction, each in a savepoint; one outcome per op."""
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (outside any transaction)."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def begin_now(self) -> bool:
+        """``BEGIN IMMEDIATE`` without waiting: False when another connection holds the write
+        lock (or the attempt failed otherwise; :meth:`run_group` then tells the error)."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        return True
+
+    def run_group(self, ops: Sequence[_Op], begun: bool = False) -> list[_Outcome]:
+        """Run ``ops`` in one transaction, each in a savepoint; one outcome per op. ``begun``:
+        :meth:`begin_now` already opened the transaction; otherwise this waits for the write
+        lock up to the busy timeout."""
         conn = self.conn
         outcomes: list[_Outcome] = []
         txn_start = 0
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if not begun:
+                conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    conn.execute("PRAGMA busy_timeout = 0")
             for op in ops:
                 if not conn.in_transaction:
                     # SQLite rolled the whole transaction back after an I/O-class error; the
@@ -876,7 +920,9 @@ class SQLiteStore(Store):
     created. ``batch_max`` caps the operations committed in one transaction, ``queue_max`` the
     operations waiting for the writer (callers wait beyond it). ``busy_timeout`` (seconds) is how
     long to wait for another process's lock. ``clock`` gives the time for timestamps and for
-    "now" wherever a method takes no ``now`` argument.
+    "now" wherever a method takes no ``now`` argument. ``inline`` False runs every write group
+    in the writer thread (for a file on a slow or network disk, where even a small commit may
+    stall the event loop).
     """
 
     def __init__(
@@ -887,6 +933,7 @@ class SQLiteStore(Store):
         queue_max: int = 10_000,
         busy_timeout: float = _BUSY_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        inline: bool = True,
     ) -> None:
         if batch_max < 1 or queue_max < 1:
             raise UsageError("batch_max and queue_max must be at least 1")
@@ -895,11 +942,13 @@ class SQLiteStore(Store):
         self._queue_max = queue_max
         self._busy_timeout = busy_timeout
         self._clock = clock
+        self._inline = inline
+        self._checkpointed_at = (0, 0)  # transactions and rows changed at the last checkpoint
         self._state: _StoreState = "new"
         self._executor: ThreadPoolExecutor | None = None
         self._write_side: _WriteSide | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[Any]] | None] | None = None
+        self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[Any], bool] | None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._putting = 0
@@ -939,15 +988,21 @@ class SQLiteStore(Store):
 
     def _connect_writer(self) -> _WriteSide:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        # Used by the writer thread and, for inline groups, by the loop's thread: never by both
+        # at once (the writer task runs one group at a time).
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise UsageError(f"{self.path}: SQLite refused WAL mode (journal_mode={mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            side = _WriteSide(conn, self._clock)
+            side = _WriteSide(conn, self._clock, int(self._busy_timeout * 1000))
             self._schema_version = side.migrate(MIGRATIONS)
+            conn.execute("PRAGMA busy_timeout = 0")
+            if self._inline:
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
         except BaseException:
             conn.close()
             raise
@@ -988,19 +1043,28 @@ class SQLiteStore(Store):
 
     # --- the writer ------------------------------------------------------------------------
 
-    async def _write(self, op: Callable[[_WriteSide], T]) -> T:
+    async def _write(self, op: Callable[[_WriteSide], T], light: bool = False) -> T:
+        """Queue ``op`` for the next group and wait for its outcome. ``light``: a few indexed
+        statements, fit to run on the event loop (see the module docstring)."""
         if self._state != "open":
             raise UsageError(f"store is {self._state}")
         assert self._queue is not None
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._putting += 1
         try:
-            await self._queue.put((op, future))
+            await self._queue.put((op, future, light))
         finally:
             self._putting -= 1
             if not self._putting:
                 self._puts_idle.set()
         return await future
+
+    def _checkpoint_due(self, side: _WriteSide) -> bool:
+        transactions, changes = self._checkpointed_at
+        return (
+            side.transactions - transactions >= _CHECKPOINT_TRANSACTIONS
+            or side.conn.total_changes - changes >= _CHECKPOINT_CHANGES
+        )
 
     async def _writer_loop(self) -> None:
         assert self._queue is not None and self._executor is not None
@@ -1009,8 +1073,14 @@ class SQLiteStore(Store):
         loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:
+            if self._inline and self._checkpoint_due(side):
+                self._checkpointed_at = (side.transactions, side.conn.total_changes)
+                try:
+                    await loop.run_in_executor(executor, side.checkpoint)
+                except sqlite3.Error as exc:  # the next one tries again; nothing is lost
+                    log.warning("SQLite checkpoint of %s failed: %s", self.path, exc)
             item = await queue.get()
-            batch: list[tuple[_Op, asyncio.Future[Any]]] = []
+            batch: list[tuple[_Op, asyncio.Future[Any], bool]] = []
             while True:
                 if item is None:
                     stopping = True
@@ -1025,18 +1095,27 @@ class SQLiteStore(Store):
                     break
             if not batch:
                 continue
-            ops = [op for op, _ in batch]
-            try:
-                outcomes = await loop.run_in_executor(executor, side.run_group, ops)
-            except BaseException as exc:
-                # Only a cancelled writer task gets here; the thread finishes the group anyway.
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(UsageError("store writer stopped"))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            ops = [op for op, _, _ in batch]
+            outcomes: list[_Outcome] | None = None
+            if (
+                self._inline
+                and len(ops) <= _INLINE_MAX
+                and all(light for _, _, light in batch)
+                and side.begin_now()
+            ):
+                outcomes = side.run_group(ops, begun=True)
+            else:
+                try:
+                    outcomes = await loop.run_in_executor(executor, side.run_group, ops)
+                except BaseException as exc:
+                    # Only a cancelled writer task gets here; the thread finishes the group.
+                    for _, future, _ in batch:
+                        if not future.done():
+                            future.set_exception(UsageError("store writer stopped"))
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+            for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue
                 if ok:
@@ -1097,7 +1176,7 @@ class SQLiteStore(Store):
     # --- jobs ------------------------------------------------------------------------------
 
     async def enqueue(self, job: NewJob) -> tuple[JobRecord, bool]:
-        (out,) = await self._write(lambda w: w.enqueue((job,)))
+        (out,) = await self._write(lambda w: w.enqueue((job,)), light=True)
         return out
 
     async def enqueue_many(self, jobs: Sequence[NewJob]) -> list[tuple[JobRecord, bool]]:
@@ -1121,12 +1200,28 @@ class SQLiteStore(Store):
         if limit == 0 or not queues:
             return []
         names = list(queues)
-        return await self._write(lambda w: w.claim(worker, names, limit, lease, now))
+        return await self._write(lambda w: w.claim(worker, names, limit, lease, now), light=True)
+
+    async def enqueue_and_claim(
+        self, job: NewJob, worker: str, queues: Sequence[str], limit: int, lease: float
+    ) -> tuple[JobRecord, bool, list[JobRecord]]:
+        _check_limit(limit)
+        _check_seconds("lease", lease)
+        if isinstance(queues, str):
+            raise UsageError("queues must be a sequence of queue names, not one str")
+        names = list(queues)
+
+        def op(w: _WriteSide) -> tuple[JobRecord, bool, list[JobRecord]]:
+            ((rec, duplicate),) = w.enqueue((job,))
+            claimed = w.claim(worker, names, limit, lease, None) if limit and names else []
+            return rec, duplicate, claimed
+
+        return await self._write(op, light=True)
 
     async def complete(
         self, job_id: str, attempt: int, result: Any, worker: str | None = None
     ) -> JobRecord | None:
-        return await self._write(lambda w: w.complete(job_id, attempt, result, worker))
+        return await self._write(lambda w: w.complete(job_id, attempt, result, worker), light=True)
 
     async def fail(
         self,
@@ -1139,16 +1234,18 @@ class SQLiteStore(Store):
     ) -> JobRecord | None:
         _check_seconds("retry_delay", retry_delay)
         return await self._write(
-            lambda w: w.fail(job_id, attempt, error, retry, retry_delay, worker)
+            lambda w: w.fail(job_id, attempt, error, retry, retry_delay, worker), light=True
         )
 
     async def progress(
         self, job_id: str, attempt: int, data: Any, lease_until: float | None
     ) -> JobRecord | None:
-        return await self._write(lambda w: w.progress(job_id, attempt, data, lease_until))
+        return await self._write(
+            lambda w: w.progress(job_id, attempt, data, lease_until), light=True
+        )
 
     async def renew(self, worker: str, lease_until: float) -> int:
-        return await self._write(lambda w: w.renew(worker, lease_until))
+        return await self._write(lambda w: w.renew(worker, lease_until), light=True)
 
     async def release_worker(self, worker: str, retry_delay: float = 0.0) -> list[JobRecord]:
         _check_seconds("retry_delay", retry_delay)
@@ -1167,13 +1264,13 @@ class SQLiteStore(Store):
         return await self._write(lambda w: w.give_back("1", (), reason, 0.0, w.clock()))
 
     async def cancel(self, job_id: str) -> tuple[JobRecord, JobState] | None:
-        return await self._write(lambda w: w.cancel(job_id))
+        return await self._write(lambda w: w.cancel(job_id), light=True)
 
     async def retry(self, job_id: str) -> JobRecord | None:
-        return await self._write(lambda w: w.retry(job_id))
+        return await self._write(lambda w: w.retry(job_id), light=True)
 
     async def delete(self, job_id: str) -> bool:
-        return await self._write(lambda w: w.delete(job_id))
+        return await self._write(lambda w: w.delete(job_id), light=True)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         rows = await self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
