@@ -53,9 +53,8 @@ def on_refresh(broker: Broker, conn: Connection, frame: Refresh) -> None:
     conn.jti = claims.jti
     conn.set_expiry(claims.exp)
     dropped = [p for p in conn.subscriptions if not perms.can_subscribe(p)]
-    for pattern in dropped:
-        conn.subscriptions.discard(pattern)
-        broker.hub.index.remove(pattern, conn)
+    for pattern in dropped:  # as an unsubscribe: index, presence (a leave event), recovery
+        recovery.unsubscribe(broker, conn, pattern)
     conn.send({"type": "ok", "id": frame.id, "expires_at": claims.exp, "dropped": sorted(dropped)})
 
 

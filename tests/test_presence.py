@@ -130,3 +130,20 @@ async def test_admin_topic_listing(presence_server: RunningServer) -> None:
             assert (await client.get("/api/v1/topics?pattern=a/**/b")).status_code == 400
         async with http(server, ALICE) as client:
             assert (await client.get("/api/v1/topics")).status_code == 403
+
+
+async def test_a_refresh_that_drops_a_subscription_announces_the_leave(
+    presence_server: RunningServer,
+) -> None:
+    url = presence_server.ws_url
+    wide = token(sub="carol", roles=("subscriber",), subscribe=["chat/**"])
+    narrow = token(sub="carol", roles=("subscriber",), subscribe=["chat/other"])
+    async with raw_client(url, ADMIN) as watcher, raw_client(url, wide) as carol:
+        await watcher.request({"type": "subscribe", "topic": "presence/chat/lobby"})
+        await carol.request({"type": "subscribe", "topic": "chat/lobby"})
+        assert (await event(watcher))["event"] == "join"
+        answer = await carol.request({"type": "refresh", "token": narrow})
+        assert answer["dropped"] == ["chat/lobby"]
+        left = await event(watcher)
+        assert (left["event"], left["sub"], left["total"]) == ("leave", "carol", 0)
+        assert (await presence_of(presence_server, "chat/lobby"))["connections"] == 0
