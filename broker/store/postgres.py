@@ -206,6 +206,11 @@ def _unquote(name: str) -> str:
     return name[1:-1].replace('""', '"') if name.startswith('"') else name
 
 
+#: What a lost or broken connection raises: the server went away, the socket failed, or asyncpg
+#: found the connection in a state it cannot use (a backend terminated mid-operation).
+_CONNECTION_ERRORS = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 def _unavailable(exc: BaseException) -> Unavailable:
     unavailable = Unavailable(f"job store unavailable: {exc}")
     unavailable.__cause__ = exc
@@ -214,7 +219,7 @@ def _unavailable(exc: BaseException) -> Unavailable:
 
 def _is_environmental(exc: BaseException) -> bool:
     """Failures of the server or the connection, as opposed to a refused statement."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+    if isinstance(exc, _CONNECTION_ERRORS):
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
@@ -404,7 +409,7 @@ class PostgresStore(Store):
         try:
             if self._pool is not None:
                 await asyncio.wait_for(self._pool.close(), timeout=self._command_timeout)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
             if self._pool is not None:
                 self._pool.terminate()
         finally:
@@ -486,7 +491,7 @@ class PostgresStore(Store):
                     await asyncio.sleep(self._rng.uniform(0, 0.002 * attempt))
                     continue
                 raise self._translate(exc) from exc
-            except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+            except _CONNECTION_ERRORS as exc:
                 raise _unavailable(exc) from exc
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
@@ -495,7 +500,7 @@ class PostgresStore(Store):
             return list(await pool.fetch(sql, *args))
         except asyncpg.PostgresError as exc:
             raise self._translate(exc) from exc
-        except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+        except _CONNECTION_ERRORS as exc:
             raise _unavailable(exc) from exc
 
     @staticmethod
