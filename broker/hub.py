@@ -157,16 +157,22 @@ class Hub:
     # --- several nodes: offsets from the backplane ----------------------------------------
 
     def _submit(self, topic: str, data: object) -> int:
-        # The backplane counts and logs what it could not publish (see its metrics).
+        self.submit(topic, data)
+        return 0
+
+    def submit(self, topic: str, data: object) -> asyncio.Future[Envelope] | None:
+        """Several nodes: hand a message to the sequencing backplane; the future gives its
+        envelope (offset and epoch) once assigned. None when the backplane refused it at once;
+        the backplane counts and logs what it could not publish (see its metrics)."""
         assert isinstance(self.backplane, SequencingBackplane)
         try:
             future = self.backplane.submit(topic, self.clock(), data)
         except QuicksilverError as exc:
             log.debug("message on %s not published: %s", topic, exc)
-            return 0
+            return None
         self.metrics.published += 1
         future.add_done_callback(_retrieve)
-        return 0
+        return future
 
     def publish_async(self, topic: str, data: object) -> Awaitable[int]:
         """:meth:`publish` now, and the offset when it is known (at once on one node).

@@ -65,6 +65,7 @@ from protocol.errors import (
 )
 from protocol.topics import parse_pattern, parse_topic
 
+from .backplane.base import Envelope, SequencingBackplane
 from .mercury_origin import MercuryOrigins
 from .mercury_payload import Payload, from_body, from_data, to_data
 from .pushpull import PullPool, Ticket, queue_for
@@ -221,7 +222,7 @@ class MercuryClient:
 class _Group:
     """The Mercury connections sharing one tap: subscribers of a topic, or peers of a bus."""
 
-    __slots__ = ("bus", "key", "members", "mercury", "senders", "tap")
+    __slots__ = ("bus", "held", "key", "members", "mercury", "pending", "senders", "tap")
 
     def __init__(self, mercury: Mercury, key: str, pattern: str, *, bus: bool) -> None:
         self.mercury = mercury
@@ -230,9 +231,16 @@ class _Group:
         self.members: dict[MercuryClient, None] = {}
         #: (epoch, offset) of a bus message → the peer that sent it (it does not get it back).
         self.senders: dict[tuple[str, int], MercuryClient] = {}
+        #: Several nodes: bus messages of this node's peers whose offset the backplane has not
+        #: given yet, and what arrived meanwhile (held until the sender is known).
+        self.pending = 0
+        self.held: list[TapMessage] = []
         self.tap = Tap.open(mercury.broker.hub, pattern, self._on_messages)
 
     def _on_messages(self, messages: list[TapMessage]) -> None:
+        if self.pending:
+            self.held += messages
+            return
         senders = self.senders
         for message in messages:
             sender = senders.pop((message.epoch, message.offset), None) if senders else None
@@ -247,6 +255,22 @@ class _Group:
         if len(senders) > MAX_BUS_ORIGINS:
             # A message that never came back (a backplane lost it) must not pin its entry.
             del senders[next(iter(senders))]
+
+    def expect(self, future: asyncio.Future[Envelope], client: MercuryClient) -> None:
+        """Several nodes: ``client`` sent a bus message whose offset comes back from the
+        backplane, maybe after the message itself; hold deliveries until it is known."""
+        self.pending += 1
+
+        def known(done: asyncio.Future[Envelope]) -> None:
+            self.pending -= 1
+            if not done.cancelled() and done.exception() is None:
+                env = done.result()
+                self.sent_by(env.epoch, env.offset, client)
+            if not self.pending and self.held:
+                held, self.held = self.held, []
+                self._on_messages(held)
+
+        future.add_done_callback(known)
 
     def forget(self, client: MercuryClient) -> None:
         if self.senders:
@@ -426,8 +450,15 @@ class Mercury:
     def bus_send(self, topic: str, payload: Payload, sender: MercuryClient | None) -> None:
         """Send on a bus; every peer but ``sender`` gets it (None: every peer)."""
         native = bus_topic(topic)
-        offset = self.broker.publish(native, to_data(payload))
         group = self.buses.get(topic)
+        hub = self.broker.hub
+        if isinstance(hub.backplane, SequencingBackplane):
+            # Several nodes: the offset is known only once the backplane assigns it.
+            future = hub.submit(native, to_data(payload))
+            if future is not None and sender is not None and group is not None:
+                group.expect(future, sender)
+            return
+        offset = self.broker.publish(native, to_data(payload))
         if sender is not None and group is not None:
             st = self.broker.hub.log.peek(native)
             if st is not None:

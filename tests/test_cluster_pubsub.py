@@ -21,6 +21,7 @@ from protocol.errors import Unavailable
 
 from .helpers import SECRET, RunningServer, http, raw_client, running_server, token
 from .services import redis_prefix
+from .test_mercury import mercury, recv
 
 
 @asynccontextmanager
@@ -150,3 +151,28 @@ async def test_redis_unreachable_at_start_fails_the_start(tmp_path: Path) -> Non
             await broker.start()
     finally:
         await broker.stop()
+
+
+async def test_a_mercury_bus_spans_nodes_without_echoing_the_sender(tmp_path: Path) -> None:
+    # The sender is known by its message's offset, which the backplane may give only after the
+    # message itself has come back: deliveries wait for it instead of echoing.
+    async with (
+        two_nodes(tmp_path, mercury_require_auth=False) as (a, b),
+        mercury(a, "/bus/room") as a1,
+        mercury(a, "/bus/room") as a2,
+        mercury(b, "/bus/room") as b1,
+    ):
+        for n in range(20):
+            await a1.send(f"from a1 #{n}")
+            await b1.send(f"from b1 #{n}")
+        # Each peer gets the other peers' messages in order, and never its own.
+        got_a1 = [await recv(a1) for _ in range(20)]
+        got_a2 = [await recv(a2) for _ in range(40)]
+        got_b1 = [await recv(b1) for _ in range(20)]
+        assert got_a1 == [f"from b1 #{n}" for n in range(20)]
+        assert got_b1 == [f"from a1 #{n}" for n in range(20)]
+        assert [m for m in got_a2 if str(m).startswith("from a1")] == got_b1
+        assert [m for m in got_a2 if str(m).startswith("from b1")] == got_a1
+        # Nothing else is on its way: a marker from a2 is the next thing a1 and b1 read.
+        await a2.send("marker")
+        assert await recv(a1) == "marker" and await recv(b1) == "marker"
