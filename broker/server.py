@@ -51,6 +51,12 @@ def run(settings: Settings) -> None:
 
 async def serve_on_socket(broker: Broker, sock: socket.socket) -> uvicorn.Server:
     """Start serving on an already bound socket in the running loop (used by tests)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # asyncio turns Nagle's algorithm off only for sockets it created as IPPROTO_TCP; a
+        # plain socket.socket() has proto 0, and uvicorn's response head and body, written
+        # separately, then waited for the peer's delayed ACK: 40 ms per HTTP request. Accepted
+        # connections inherit the option from the listening socket.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     server = uvicorn.Server(uvicorn_config(broker))
     server.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -251,6 +251,12 @@ async def until_async(
         await asyncio.sleep(step)
 
 
+async def stop_process_async(proc: subprocess.Popen[str], timeout: float = 10.0) -> tuple[str, str]:
+    """:func:`stop_process` off the event loop: for a process talking to a broker that runs in
+    this loop (a worker's clean close needs the broker to answer)."""
+    return await asyncio.to_thread(stop_process, proc, timeout)
+
+
 def stop_process(proc: subprocess.Popen[str], timeout: float = 10.0) -> tuple[str, str]:
     """Terminate (then kill) a process; return its output."""
     if proc.poll() is None:

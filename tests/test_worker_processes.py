@@ -17,6 +17,7 @@ from .helpers import (
     running_server,
     start_process,
     stop_process,
+    stop_process_async,
     token,
     until,
     until_async,
@@ -64,7 +65,7 @@ async def test_thousand_jobs_three_workers_each_done_once(tmp_path: Path) -> Non
             try:
                 codes = [await wait_exit(w) for w in workers]
             finally:
-                outputs = [stop_process(w) for w in workers]
+                outputs = [await stop_process_async(w) for w in workers]
             assert codes == [0, 0, 0], outputs
             pids = set()
             for n, job in enumerate(ids):
@@ -102,9 +103,9 @@ async def test_worker_killed_mid_job_finishes_elsewhere(tmp_path: Path) -> None:
                 assert body["attempt"] == 2
                 assert body["result"]["pid"] == second.pid
         finally:
-            stop_process(first)
+            await stop_process_async(first)
             if second is not None:
-                stop_process(second)
+                await stop_process_async(second)
 
 
 async def test_broker_killed_and_restarted_loses_nothing(tmp_path: Path) -> None:
@@ -185,4 +186,4 @@ async def test_sigterm_drains_the_worker(tmp_path: Path) -> None:
                 # The two it held were finished; the two it had not started were left queued.
                 assert sorted(states) == ["done", "done", "queued", "queued"]
         finally:
-            stop_process(worker)
+            await stop_process_async(worker)
