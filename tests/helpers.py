@@ -251,10 +251,10 @@ async def until_async(
         await asyncio.sleep(step)
 
 
-async def stop_process_async(proc: subprocess.Popen[str], timeout: float = 10.0) -> tuple[str, str]:
+async def stop_process_async(proc: subprocess.Popen[str]) -> tuple[str, str]:
     """:func:`stop_process` off the event loop: for a process talking to a broker that runs in
     this loop (a worker's clean close needs the broker to answer)."""
-    return await asyncio.to_thread(stop_process, proc, timeout)
+    return await asyncio.to_thread(stop_process, proc)
 
 
 def stop_process(proc: subprocess.Popen[str], timeout: float = 10.0) -> tuple[str, str]:
