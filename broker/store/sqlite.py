@@ -6,7 +6,8 @@ Writes go through one plain :class:`sqlite3.Connection`; reads go through a seco
 connection driven by aiosqlite.
 
 Where a write group runs: a small group of light operations (the job path: enqueue, claim,
-complete, fail, progress, renew, cancel) runs on the event loop itself; any other group runs in
+complete, fail, progress, renew, cancel; a report's intake and summary) runs on the event loop
+itself; any other group runs in
 a dedicated single-thread executor. In WAL mode with ``synchronous=NORMAL`` such a commit takes
 tens of microseconds and no fsync, while the hop to a thread and back costs far more on a busy
 2-core machine: waking the thread, handing over the GIL, waking the loop again. Measured with
@@ -1368,7 +1369,7 @@ class SQLiteStore(Store):
     async def add_report(
         self, report: IncomingReport, job: NewJob, payload_json: str | None = None
     ) -> tuple[str, JobRecord | None]:
-        return await self._write(lambda w: w.add_report(report, job, payload_json))
+        return await self._write(lambda w: w.add_report(report, job, payload_json), light=True)
 
     async def get_report(self, report_id: str) -> tuple[str, float] | None:
         rows = await self._read("SELECT body, received_at FROM reports WHERE id = ?", (report_id,))
@@ -1378,7 +1379,7 @@ class SQLiteStore(Store):
         self, summary: ReportSummary, stats: Mapping[str, Sequence[str]], now: float | None = None
     ) -> ReleaseRecord | None:
         frozen = {plugin: tuple(keys) for plugin, keys in stats.items()}
-        return await self._write(lambda w: w.apply_report(summary, frozen, now))
+        return await self._write(lambda w: w.apply_report(summary, frozen, now), light=True)
 
     async def unapplied_report_jobs(self, limit: int = 1000) -> list[JobRecord]:
         _check_limit(limit)
