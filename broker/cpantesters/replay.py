@@ -6,7 +6,8 @@ reports: the reporter, the Perl (mostly stable Perl 5 releases, a few developmen
 Perl 6), the OS with its version and archname, the Perl configuration summary, and test output
 that matches the grade. Grades come in the proportions CPAN Testers sees (mostly pass, some fail,
 few na and unknown). Everything is drawn from a seeded random generator: the same seed gives the
-same traffic; ``unique`` (the default) adds a serial number so no two reports are equal.
+same traffic (release dates count back from ``now``, the current time unless given); ``unique``
+(the default) adds a serial number so no two reports are equal.
 
 :func:`replay` posts the uploads first (so releases have authors), then reports at a steady
 rate through a small pool of keep-alive HTTP/1.1 connections (:class:`HttpPool`, enough
@@ -219,7 +220,9 @@ class Traffic:
         authors: int = 20,
         unique: bool = True,
         test_output: int = 0,
+        now: float | None = None,
     ) -> None:
+        """``now``: the time releases are dated back from (default: the current time)."""
         if dists < 1 or authors < 1:
             raise ValueError("dists and authors must be at least 1")
         self.rng = random.Random(seed)
@@ -243,7 +246,8 @@ class Traffic:
             name = "-".join(parts)
             if name not in dist_names:
                 dist_names.append(name)
-        now = time.time()
+        if now is None:
+            now = time.time()
         self.releases: list[Release] = []
         for i, dist in enumerate(dist_names):
             author = names[i % len(names)] if i < len(names) else rng.choice(names)
