@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -162,12 +163,32 @@ class Dispatcher:
         )
         conn.send({"type": "ok", "id": frame.id, "job": rec.id, "duplicate": duplicate})
 
+    async def _announced(self, job: NewJob) -> NewJob | None:
+        """Several nodes share the store: a worker on another node may take a job the moment
+        it is committed, and its ``active`` could reach ``jobs/<id>`` before this node's
+        ``queued``. So the job gets its id first and ``queued`` is sequenced on the backplane
+        before the insert; returns the job with that id, or None when nothing was announced
+        (one node; or a unique key, whose enqueue may return another job). Should the insert
+        then fail, the caller gets the error and ``jobs/<id>`` keeps a ``queued`` message for
+        an id no job has."""
+        if self.store.single_node or job.unique_key is not None or job.id is not None:
+            return None
+        job_id = self.store.new_job_id()
+        if job_id is None:
+            return None
+        data = {"job": job_id, "queue": job.queue, "state": str(JobState.QUEUED), "attempt": 0}
+        await self.broker.publish_async(f"jobs/{job_id}", data)
+        return dataclasses.replace(job, id=job_id)
+
     async def enqueue(self, job: NewJob) -> tuple[JobRecord, bool]:
+        announced = await self._announced(job)
+        if announced is not None:
+            job = announced
         slot = self._waiting_slot(job.queue) if job.delay <= 0 else None
         if slot is None:
             rec, duplicate = await self.store.enqueue(job)
             if not duplicate:
-                self.accepted(rec)
+                self.accepted(rec, announced=announced is not None)
             return rec, duplicate
         # A worker with free credit waits for this queue: enqueue and claim for it in one store
         # round, instead of a commit, a dispatcher wake-up and a second commit.
@@ -181,7 +202,10 @@ class Dispatcher:
             slot.claiming = False
         if not duplicate:
             self.metrics.jobs_enqueued += 1
-            self._publish_state(rec)
+            if announced is None:
+                self._publish_state(rec)
+            else:
+                self._changed_queues.add(rec.queue)
         delivered = self._deliver(slot, jobs)
         if (delivered and len(jobs) == want) or (not duplicate and rec.id not in slot.held):
             # More may be ready than the slot could take, or the new job went elsewhere.
@@ -204,16 +228,22 @@ class Dispatcher:
         return None
 
     async def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
+        announced = await asyncio.gather(*(self._announced(job) for job in jobs))
+        jobs = [a if a is not None else job for a, job in zip(announced, jobs, strict=True)]
         results = await self.store.enqueue_many(jobs)
-        for rec, duplicate in results:
+        for (rec, duplicate), was in zip(results, announced, strict=True):
             if not duplicate:
-                self.accepted(rec)
+                self.accepted(rec, announced=was is not None)
         return results
 
-    def accepted(self, rec: JobRecord) -> None:
-        """A new job is in the store: announce it and look for a worker."""
+    def accepted(self, rec: JobRecord, announced: bool = False) -> None:
+        """A new job is in the store: announce it (unless ``announced`` already) and look for a
+        worker."""
         self.metrics.jobs_enqueued += 1
-        self._publish_state(rec)
+        if announced:
+            self._changed_queues.add(rec.queue)
+        else:
+            self._publish_state(rec)
         if rec.run_at <= time.time():
             self.wake()
         else:

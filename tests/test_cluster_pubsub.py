@@ -19,8 +19,8 @@ from broker.config import Settings
 from broker.core import Broker
 from protocol.errors import Unavailable
 
-from .helpers import SECRET, RunningServer, http, raw_client, running_server, token
-from .services import redis_prefix
+from .helpers import SECRET, RunningServer, http, raw_client, running_server, token, wait_for
+from .services import pg_schema, redis_prefix, with_search_path
 from .test_mercury import mercury, recv
 
 
@@ -176,3 +176,43 @@ async def test_a_mercury_bus_spans_nodes_without_echoing_the_sender(tmp_path: Pa
         # Nothing else is on its way: a marker from a2 is the next thing a1 and b1 read.
         await a2.send("marker")
         assert await recv(a1) == "marker" and await recv(b1) == "marker"
+
+
+async def test_a_job_taken_at_once_on_another_node_shows_queued_before_active(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Node A is slow to come back from its insert (a busy loop, say) while a worker on node B
+    # takes the job the moment it is committed: jobs/<id> must still start with "queued".
+    async with pg_schema() as (db_url, schema):
+        shared = {"database_url": with_search_path(db_url, schema)}
+        async with two_nodes(tmp_path, **shared) as (a, b):
+            insert = a.broker.store.enqueue
+            taken = asyncio.Event()
+
+            async def slow_insert(job: Any) -> Any:
+                result = await insert(job)
+                await wait_for(taken.wait(), 10)  # B's worker has the job by now
+                return result
+
+            monkeypatch.setattr(a.broker.store, "enqueue", slow_insert)
+            worker_token = token(sub="w", roles=("worker",))
+            async with (
+                raw_client(a.ws_url) as watch,
+                raw_client(b.ws_url, worker_token) as worker,
+                raw_client(a.ws_url) as producer,
+            ):
+                await watch.request({"type": "subscribe", "topic": "jobs/**"})
+                await worker.request({"type": "work", "queues": ["race"], "concurrency": 1})
+                await producer.send({"type": "enqueue", "id": 1, "queue": "race", "payload": 1})
+                job = await worker.expect("job", units=10)
+                taken.set()
+                await worker.send(
+                    {"type": "done", "id": 2, "job": job["job"], "attempt": 1, "result": "r"}
+                )
+                assert (await producer.expect("ok"))["job"] == job["job"]
+                states = []
+                while "done" not in states:
+                    message = await watch.expect("message", units=10)
+                    if message["topic"] == f"jobs/{job['job']}":
+                        states.append(message["data"]["state"])
+                assert states == ["queued", "active", "done"]

@@ -79,6 +79,9 @@ class NewJob:
     delay: float = 0.0
     unique_key: str | None = None
     max_attempts: int = 5
+    #: The new job's id, made beforehand by :meth:`Store.new_job_id` of the same store (so
+    #: that it can be announced before the job exists); None: the store makes one.
+    id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.queue, str) or not self.queue:
@@ -98,6 +101,8 @@ class NewJob:
             raise UsageError("delay must be a finite number of seconds >= 0")
         if self.unique_key is not None and not isinstance(self.unique_key, str):
             raise UsageError("unique_key must be a str or None")
+        if self.id is not None and (not isinstance(self.id, str) or not self.id):
+            raise UsageError("a job id must be a non-empty str or None")
 
 
 @dataclass(slots=True)
@@ -290,6 +295,11 @@ class Store(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    def new_job_id(self) -> str | None:
+        """An id for a job not enqueued yet (see :attr:`NewJob.id`), for a store shared by
+        several nodes; None when the store makes ids only as it inserts."""
+        return None
 
     @property
     def single_node(self) -> bool:

@@ -512,6 +512,9 @@ class PostgresStore(Store):
             return _unavailable(exc)
         return exc
 
+    def new_job_id(self) -> str:
+        return self._new_id(self._clock())
+
     def _new_id(self, now: float) -> JobId:
         """Time-ordered and strictly increasing within this store: 14 hex digits of
         microseconds then 6 random ones, so that ids from several nodes do not collide."""
@@ -658,6 +661,7 @@ class PostgresStore(Store):
             value = json.loads(payload)
         else:
             payload, value = payload_json, job.payload
+        given = job.id
         while True:
             if job.unique_key is not None:
                 row = await c.fetchrow(
@@ -667,7 +671,7 @@ class PostgresStore(Store):
                 if row is not None:
                     return _job(row), True
             record = JobRecord(
-                id=self._new_id(now),
+                id=JobId(given) if given else self._new_id(now),
                 queue=job.queue,
                 payload=value,
                 priority=job.priority,
@@ -704,6 +708,7 @@ class PostgresStore(Store):
             )
             if inserted is not None:
                 return record, False
+            given = None  # an id collision (or a key race): the next try makes its own
 
     async def enqueue(self, job: NewJob) -> tuple[JobRecord, bool]:
         now = self._clock()

@@ -581,7 +581,7 @@ class _WriteSide:
         else:
             payload, value = payload_json, job.payload
         record = JobRecord(
-            id=self.new_id(now),
+            id=JobId(job.id) if job.id else self.new_id(now),
             queue=job.queue,
             payload=value,
             priority=job.priority,
