@@ -23,6 +23,9 @@ Bounds and overflow policies:
   forgotten. A forgotten memory topic starts a new epoch; a forgotten persisted topic keeps only
   ``(epoch, offset)`` in a small table and reloads its history from the store when needed.
   Persisted topics with messages not stored yet are not forgotten until stored.
+- Job topics (``jobs/<id>``, one per job, published three times and then rarely read) may hold
+  at most half of ``max_topics``; beyond that the oldest job topic is forgotten first, so a
+  high job rate does not push every other topic out of memory.
 - At most ``outbox_max`` messages wait for the store. Beyond that the oldest is dropped (counted
   in :attr:`TopicLog.dropped`): a recovery that needs it then reports ``recovered: false``.
 - While a recovery reads a persisted topic's older messages from the store, the messages it will
@@ -44,6 +47,8 @@ from protocol.errors import Unavailable
 from protocol.topics import is_valid_pattern, matches
 
 EPOCH_BYTES = 8
+#: Topics of one job each (see the bounds in the module docstring).
+JOB_TOPIC_PREFIX = "jobs/"
 #: Half-life of the message rate average, seconds.
 RATE_HALF_LIFE = 30.0
 
@@ -226,6 +231,8 @@ class TopicLog:
         #: Set on shutdown once the outbox is flushed; persisted topics then refuse messages.
         self.sealed = False
         self._topics: OrderedDict[str, TopicState] = OrderedDict()
+        #: The job topics among them (not persisted), oldest first.
+        self._job_topics: OrderedDict[str, None] = OrderedDict()
         self._heads: dict[str, tuple[str, int]] = {}
         self._sampled_at: float | None = None
 
@@ -285,6 +292,13 @@ class TopicLog:
         if st is None:
             st = self._new_state(topic)
             self._topics[topic] = st
+            if topic.startswith(JOB_TOPIC_PREFIX) and not st.persisted:
+                jobs = self._job_topics
+                jobs[topic] = None
+                if len(jobs) > max(1, self.max_topics // 2):
+                    old, _ = jobs.popitem(last=False)
+                    if not self._topics[old].pins:
+                        del self._topics[old]
             if len(self._topics) > self.max_topics:
                 self._evict()
         return st
@@ -311,6 +325,7 @@ class TopicLog:
                 topics.move_to_end(topic)
                 continue
             del topics[topic]
+            self._job_topics.pop(topic, None)
             if st.persisted and st.offset > 0:
                 self._heads[topic] = (st.epoch, st.offset)
             return

@@ -141,6 +141,27 @@ def test_eviction_keeps_heads_of_persisted_topics_and_spares_unstored_ones() -> 
     assert (st.epoch, st.offset, list(st.history)) == (derived_epoch("g", "p/a"), 1, [])
 
 
+def test_job_topics_take_at_most_half_of_memory_and_go_first() -> None:
+    log = TopicLog(window=5, max_topics=10)
+    for name in ("queues/q", "stats/grades", "workers/events"):
+        log.append(name, 1.0, "x")
+    kept = {name: log.state(name).epoch for name in ("queues/q", "stats/grades", "workers/events")}
+    for n in range(1000):  # a busy job queue: three messages per job topic
+        for state in ("queued", "active", "done"):
+            log.append(f"jobs/{n:04d}", 2.0, state)
+    # The other topics kept their state, epoch and history; job topics hold half the room.
+    for name, epoch in kept.items():
+        st = log.peek(name)
+        assert st is not None and st.epoch == epoch and [e.data for e in st.history] == ["x"]
+    jobs = [t for t in (f"jobs/{n:04d}" for n in range(1000)) if log.peek(t) is not None]
+    assert jobs == [f"jobs/{n:04d}" for n in range(995, 1000)]
+    assert [e.data for e in log.peek("jobs/0999").history] == ["queued", "active", "done"]  # type: ignore[union-attr]
+    # Other topics beyond the bound still go least recently used first, job topics included.
+    for n in range(20):
+        log.append(f"t/{n}", 3.0, n)
+    assert len(log) == 10 and log.peek("t/19") is not None and log.peek("queues/q") is None
+
+
 def test_rates_average_over_samples() -> None:
     log = TopicLog()
     st = log.state("t")
