@@ -164,14 +164,14 @@ class Dispatcher:
         conn.send({"type": "ok", "id": frame.id, "job": rec.id, "duplicate": duplicate})
 
     async def _announced(self, job: NewJob) -> NewJob | None:
-        """Several nodes share the store: a worker on another node may take a job the moment
-        it is committed, and its ``active`` could reach ``jobs/<id>`` before this node's
-        ``queued``. So the job gets its id first and ``queued`` is sequenced on the backplane
-        before the insert; returns the job with that id, or None when nothing was announced
-        (one node; or a unique key, whose enqueue may return another job). Should the insert
+        """For a store shared by several nodes (the callers check): a worker on another node
+        may take a job the moment it is committed, and its ``active`` could reach ``jobs/<id>``
+        before this node's ``queued``. So the job gets its id first and ``queued`` is sequenced
+        on the backplane before the insert. Returns the job with that id, or None when nothing
+        was announced (a unique key, whose enqueue may return another job). Should the insert
         then fail, the caller gets the error and ``jobs/<id>`` keeps a ``queued`` message for
         an id no job has."""
-        if self.store.single_node or job.unique_key is not None or job.id is not None:
+        if job.unique_key is not None or job.id is not None:
             return None
         job_id = self.store.new_job_id()
         if job_id is None:
@@ -181,7 +181,7 @@ class Dispatcher:
         return dataclasses.replace(job, id=job_id)
 
     async def enqueue(self, job: NewJob) -> tuple[JobRecord, bool]:
-        announced = await self._announced(job)
+        announced = None if self.store.single_node else await self._announced(job)
         if announced is not None:
             job = announced
         slot = self._waiting_slot(job.queue) if job.delay <= 0 else None
@@ -201,11 +201,7 @@ class Dispatcher:
         finally:
             slot.claiming = False
         if not duplicate:
-            self.metrics.jobs_enqueued += 1
-            if announced is None:
-                self._publish_state(rec)
-            else:
-                self._changed_queues.add(rec.queue)
+            self._count_new(rec, announced is not None)
         delivered = self._deliver(slot, jobs)
         if (delivered and len(jobs) == want) or (not duplicate and rec.id not in slot.held):
             # More may be ready than the slot could take, or the new job went elsewhere.
@@ -228,8 +224,10 @@ class Dispatcher:
         return None
 
     async def enqueue_many(self, jobs: list[NewJob]) -> list[tuple[JobRecord, bool]]:
-        announced = await asyncio.gather(*(self._announced(job) for job in jobs))
-        jobs = [a if a is not None else job for a, job in zip(announced, jobs, strict=True)]
+        announced: list[NewJob | None] = [None] * len(jobs)
+        if not self.store.single_node:
+            announced = await asyncio.gather(*(self._announced(job) for job in jobs))
+            jobs = [a or job for a, job in zip(announced, jobs, strict=True)]
         results = await self.store.enqueue_many(jobs)
         for (rec, duplicate), was in zip(results, announced, strict=True):
             if not duplicate:
@@ -239,15 +237,19 @@ class Dispatcher:
     def accepted(self, rec: JobRecord, announced: bool = False) -> None:
         """A new job is in the store: announce it (unless ``announced`` already) and look for a
         worker."""
+        self._count_new(rec, announced)
+        if rec.run_at <= time.time():
+            self.wake()
+        else:
+            self._wake_at(rec.run_at)
+
+    def _count_new(self, rec: JobRecord, announced: bool) -> None:
+        """Count a new job and publish its ``queued`` state unless it was announced before."""
         self.metrics.jobs_enqueued += 1
         if announced:
             self._changed_queues.add(rec.queue)
         else:
             self._publish_state(rec)
-        if rec.run_at <= time.time():
-            self.wake()
-        else:
-            self._wake_at(rec.run_at)
 
     def on_work(self, conn: Connection, frame: Work) -> None:
         perms = conn.perms

@@ -296,9 +296,8 @@ class TopicLog:
                 jobs = self._job_topics
                 jobs[topic] = None
                 if len(jobs) > max(1, self.max_topics // 2):
-                    old, _ = jobs.popitem(last=False)
-                    if not self._topics[old].pins:
-                        del self._topics[old]
+                    # Memory topics: nothing unstored, no pins (those are for store reads).
+                    del self._topics[jobs.popitem(last=False)[0]]
             if len(self._topics) > self.max_topics:
                 self._evict()
         return st

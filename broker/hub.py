@@ -75,7 +75,8 @@ class Hub:
         this returns 0 and the message goes out in call order; use :meth:`publish_async` for
         the offset."""
         if isinstance(self.backplane, SequencingBackplane):
-            return self._submit(topic, data)
+            self.submit(topic, data)
+            return 0
         ts = self.clock()
         st, offset = self.log.append(topic, ts, data)
         self.metrics.published += 1
@@ -155,10 +156,6 @@ class Hub:
         return stop
 
     # --- several nodes: offsets from the backplane ----------------------------------------
-
-    def _submit(self, topic: str, data: object) -> int:
-        self.submit(topic, data)
-        return 0
 
     def submit(self, topic: str, data: object) -> asyncio.Future[Envelope] | None:
         """Several nodes: hand a message to the sequencing backplane; the future gives its

@@ -853,9 +853,10 @@ async def test_a_write_lock_held_elsewhere_never_blocks_the_loop(sqlite_path: Pa
         other.execute("BEGIN IMMEDIATE")  # another process's writer, say
         try:
             pending = asyncio.create_task(store.enqueue(NewJob("q", "while locked")))
-            # The loop keeps turning while the write waits for the lock in the writer thread.
-            for _ in range(20):
-                await asyncio.sleep(0)
+            # While the write waits for the lock in the writer thread, the loop serves others:
+            # a read goes through, and the write is still waiting.
+            jobs = await asyncio.wait_for(store.list_jobs(), 10)
+            assert [j.payload for j in jobs] == ["before"]
             assert not pending.done()
         finally:
             other.execute("COMMIT")

@@ -7,13 +7,12 @@ connection driven by aiosqlite.
 
 Where a write group runs: a small group of light operations (the job path: enqueue, claim,
 complete, fail, progress, renew, cancel; a report's intake and summary) runs on the event loop
-itself; any other group runs in
-a dedicated single-thread executor. In WAL mode with ``synchronous=NORMAL`` such a commit takes
-tens of microseconds and no fsync, while the hop to a thread and back costs far more on a busy
-2-core machine: waking the thread, handing over the GIL, waking the loop again. Measured with
-``python -m bench jobs``, both in one run: job pickup p50 10.3 ms through the thread, 3.4 ms
-inline (p99 71 ms and 22 ms). Inline groups
-never wait for a lock: the group begins with ``busy_timeout`` 0, and when another process holds
+itself; any other group runs in a dedicated single-thread executor. In WAL mode with
+``synchronous=NORMAL`` such a commit takes tens of microseconds and no fsync, while the hop to a
+thread and back costs far more on a busy 2-core machine: waking the thread, handing over the
+GIL, waking the loop again. Measured with ``python -m bench jobs``, both in one run: job pickup
+p50 10.3 ms through the thread, 3.4 ms inline (p99 71 ms and 22 ms). Inline groups never wait
+for a lock: the group begins with ``busy_timeout`` 0, and when another process holds
 the write lock it goes to the thread, which waits up to ``busy_timeout`` as usual. Checkpoints
 (the one step that writes the database file and fsyncs it) are taken off the loop too: automatic
 checkpoints are off on the writer, and every 100 transactions (or 1,000 rows changed) the
@@ -300,6 +299,15 @@ def _check_seconds(name: str, value: float) -> None:
         raise UsageError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
 
 
+def _claim_queues(queues: Sequence[str], limit: int, lease: float) -> list[str]:
+    """A claim's arguments checked; its queue names as a list."""
+    _check_limit(limit)
+    _check_seconds("lease", lease)
+    if isinstance(queues, str):
+        raise UsageError("queues must be a sequence of queue names, not one str")
+    return list(queues)
+
+
 def _check_limit(limit: int) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise UsageError(f"limit must be an int >= 0, not {limit!r}")
@@ -321,8 +329,8 @@ _Op = Callable[["_WriteSide"], Any]
 
 
 class _WriteSide:
-    """The writer connection and every write, as plain functions. Used only in the writer
-    thread."""
+    """The writer connection and every write, as plain functions. Used by one group at a time:
+    in the writer thread, or on the event loop for an inline group."""
 
     def __init__(self, conn: sqlite3.Connection, clock: Callable[[], float], busy_ms: int) -> None:
         self.conn = conn
@@ -364,6 +372,16 @@ class _WriteSide:
             return False
         return True
 
+    def _begin_waiting(self) -> None:
+        """``BEGIN IMMEDIATE``, waiting up to the busy timeout for another connection's lock
+        (the connection's own timeout stays 0, for :meth:`begin_now`)."""
+        conn = self.conn
+        conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
+
     def run_group(self, ops: Sequence[_Op], begun: bool = False) -> list[_Outcome]:
         """Run ``ops`` in one transaction, each in a savepoint; one outcome per op. ``begun``:
         :meth:`begin_now` already opened the transaction; otherwise this waits for the write
@@ -373,16 +391,12 @@ class _WriteSide:
         txn_start = 0
         try:
             if not begun:
-                conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                finally:
-                    conn.execute("PRAGMA busy_timeout = 0")
+                self._begin_waiting()
             for op in ops:
                 if not conn.in_transaction:
                     # SQLite rolled the whole transaction back after an I/O-class error; the
                     # rest of the group gets a fresh one.
-                    conn.execute("BEGIN IMMEDIATE")
+                    self._begin_waiting()
                     txn_start = len(outcomes)
                 conn.execute("SAVEPOINT op")
                 try:
@@ -1098,7 +1112,7 @@ class SQLiteStore(Store):
             if not batch:
                 continue
             ops = [op for op, _, _ in batch]
-            outcomes: list[_Outcome] | None = None
+            outcomes: list[_Outcome]
             if (
                 self._inline
                 and len(ops) <= _INLINE_MAX
@@ -1195,23 +1209,15 @@ class SQLiteStore(Store):
         lease: float,
         now: float | None = None,
     ) -> list[JobRecord]:
-        _check_limit(limit)
-        _check_seconds("lease", lease)
-        if isinstance(queues, str):
-            raise UsageError("queues must be a sequence of queue names, not one str")
-        if limit == 0 or not queues:
+        names = _claim_queues(queues, limit, lease)
+        if limit == 0 or not names:
             return []
-        names = list(queues)
         return await self._write(lambda w: w.claim(worker, names, limit, lease, now), light=True)
 
     async def enqueue_and_claim(
         self, job: NewJob, worker: str, queues: Sequence[str], limit: int, lease: float
     ) -> tuple[JobRecord, bool, list[JobRecord]]:
-        _check_limit(limit)
-        _check_seconds("lease", lease)
-        if isinstance(queues, str):
-            raise UsageError("queues must be a sequence of queue names, not one str")
-        names = list(queues)
+        names = _claim_queues(queues, limit, lease)
 
         def op(w: _WriteSide) -> tuple[JobRecord, bool, list[JobRecord]]:
             ((rec, duplicate),) = w.enqueue((job,))
