@@ -44,6 +44,10 @@ def run(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # The websockets library says "connection open" at INFO for every client: with
+        # thousands of clients that is the whole log. Debug level keeps it.
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     broker = Broker(settings)
     server = uvicorn.Server(uvicorn_config(broker))
     server.run()
