@@ -64,7 +64,10 @@ function main() {
     (message) => {
       const report = normalizeReport(message.data, message.ts);
       feed.add(report, { fresh: !message.replayed, ts: message.ts });
-      if (!message.replayed) arrivals.push(Date.now());
+      if (!message.replayed) {
+        arrivals.push(Date.now());
+        rate.textContent = String(arrivals.length);
+      }
     },
     { backfill: 25 },
   );
